@@ -7,13 +7,17 @@
                     Howard & Ruder 2018); layers not listed train at 1.0.
 - routing_threshold: confidence needed to leave at an early exit at inference
                     (BranchyNet, Teerapittayanon et al. 2016); 0 disables early exit.
+                    exit_criterion (ease.exits.CRITERIA) says what "confidence" is, with
+                    exit_criterion_params, e.g. {"patience": 3}, as its keyword arguments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+
+from .exits import check_criterion_params, get_criterion
 
 
 def _layer_dict(values, name: str) -> dict[int, float]:
@@ -50,6 +54,7 @@ class TrainingConfig:
     routing_threshold: float = 0.0
     exit_layers: list[int] | None = None  # None: layers with weight > 0, plus the last
     exit_criterion: str = "max_prob"
+    exit_criterion_params: dict | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -71,9 +76,13 @@ class TrainingConfig:
             raise ValueError(f"routing_threshold = {self.routing_threshold} is outside [0, 1]")
         self.routing_threshold = threshold
         if self.exit_layers is not None:
-            self.exit_layers = sorted(_layer_dict(dict.fromkeys(self.exit_layers, 0), "exit_layers"))
+            layers = _layer_dict(dict.fromkeys(self.exit_layers, 0), "exit_layers")
+            self.exit_layers = sorted(layers)
             if not self.exit_layers:
                 raise ValueError("exit_layers is empty: give None for the default or >= 1 layer")
+        check_criterion_params(self.exit_criterion, self.exit_criterion_params)
+        if self.exit_criterion_params is not None:
+            self.exit_criterion_params = dict(self.exit_criterion_params)
 
     # -- checks against a model ------------------------------------------------------
     def validate(self, num_layers: int, trainable_exits=None) -> None:
@@ -105,6 +114,10 @@ class TrainingConfig:
     def lr_scale(self, layer: int) -> float:
         return (self.layer_lr_scales or {}).get(layer, 1.0)
 
+    def criterion(self):
+        """The ExitCriterion that exit_criterion and exit_criterion_params name."""
+        return get_criterion(self.exit_criterion, **(self.exit_criterion_params or {}))
+
     # -- plain data ------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -113,6 +126,8 @@ class TrainingConfig:
             "routing_threshold": self.routing_threshold,
             "exit_layers": None if self.exit_layers is None else list(self.exit_layers),
             "exit_criterion": self.exit_criterion,
+            "exit_criterion_params": (None if self.exit_criterion_params is None
+                                      else dict(self.exit_criterion_params)),
             "name": self.name,
         }
 
@@ -126,7 +141,11 @@ class TrainingConfig:
     def describe(self) -> str:
         weights = ", ".join(f"L{layer}={weight:g}" for layer, weight in self.layer_weights.items())
         scales = ", ".join(f"L{layer}={s:g}" for layer, s in (self.layer_lr_scales or {}).items())
-        routing = (f"exit when {self.exit_criterion} >= {self.routing_threshold:g}"
+        criterion = self.exit_criterion
+        if self.exit_criterion_params:
+            params = ", ".join(f"{k}={v!r}" for k, v in self.exit_criterion_params.items())
+            criterion = f"{criterion}({params})"
+        routing = (f"exit when {criterion} >= {self.routing_threshold:g}"
                    if self.routing_threshold > 0 else "off (every token runs all layers)")
         lines = [
             f"TrainingConfig{f' {self.name!r}' if self.name else ''}",

@@ -386,7 +386,10 @@ class TokenBatches:
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.num_windows = (len(ids) - 1) // seq_len
         # One epoch covers the stream once; in order, the last batch may be short.
-        full = max(1, self.num_windows // batch_size) if shuffle else -(-self.num_windows // batch_size)
+        if shuffle:
+            full = max(1, self.num_windows // batch_size)
+        else:
+            full = -(-self.num_windows // batch_size)
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches = {num_batches} must be >= 1")
         if num_batches is None:
@@ -403,7 +406,8 @@ class TokenBatches:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             high = len(self.ids) - self.seq_len
-            return torch.randint(0, high, (self.num_batches * self.batch_size,), generator=generator)
+            count = self.num_batches * self.batch_size
+            return torch.randint(0, high, (count,), generator=generator)
         count = min(self.num_windows, self.num_batches * self.batch_size)
         return torch.arange(count) * self.seq_len
 

@@ -8,8 +8,9 @@ metrics, a whole threshold sweep, the slider in notebook 03) is cheap arithmetic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -39,9 +40,19 @@ class LayerOutputs:
     def exit_layer(self, threshold: float) -> torch.Tensor:
         return route(self.scores, self.exit_layers, threshold, self.num_layers)
 
+    def subset(self, index) -> LayerOutputs:
+        """The same outputs for the tokens `index` selects (a calibration/test split)."""
+        return replace(self, nll=self.nll[index], pred=self.pred[index],
+                       max_prob=self.max_prob[index], scores=self.scores[index],
+                       target=self.target[index])
+
     def metrics(self, threshold: float) -> dict:
         """The evaluation dict at `threshold`: routed loss/ppl/acc plus per-exit metrics."""
-        exit_layer = self.exit_layer(threshold)
+        return self.routed_metrics(self.exit_layer(threshold), threshold)
+
+    def routed_metrics(self, exit_layer: torch.Tensor, threshold: float | None = None) -> dict:
+        """The evaluation dict for tokens leaving at `exit_layer` (N,), from a threshold or
+        any other rule (an oracle's). agreement: routed prediction == last layer's."""
         rows = torch.arange(len(self.target))
         column = exit_layer - 1
         routed_nll = self.nll[rows, column].double().mean().item()
@@ -51,6 +62,7 @@ class LayerOutputs:
             "loss": routed_nll,
             "ppl": _ppl(routed_nll),
             "acc": self.correct[rows, column].double().mean().item(),
+            "agreement": (self.pred[rows, column] == self.pred[:, -1]).double().mean().item(),
             "shallow_ratio": (exit_layer < num_layers).double().mean().item(),
             "compute_cost": exit_layer.double().mean().item() / num_layers,
             "mean_exit_layer": exit_layer.double().mean().item(),
@@ -68,15 +80,30 @@ class LayerOutputs:
         return result
 
 
+    def sweep(self, thresholds) -> pd.DataFrame:
+        """One row of scalar metrics per threshold: the quality-vs-compute curve."""
+        rows = []
+        for threshold in thresholds:
+            metrics = self.metrics(float(threshold))
+            rows.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return pd.DataFrame(rows)
+
+
 def _ppl(nll: float) -> float:
     return math.exp(min(nll, 700.0))
 
 
 @torch.no_grad()
 def collect_layer_outputs(model, batches, exit_layers, criterion: str | ExitCriterion = "max_prob",
-                          device: str | torch.device = "cpu") -> LayerOutputs:
-    """Run `model` over `batches` once and keep every layer's per-token outputs."""
+                          device: str | torch.device = "cpu",
+                          temperatures: dict[int, float] | None = None) -> LayerOutputs:
+    """Run `model` over `batches` once and keep every layer's per-token outputs.
+
+    temperatures: {layer: T} divides that exit's logits by T before anything is computed
+    (temperature scaling, Guo et al. 2017; see analysis.fit_temperatures); others keep 1.
+    """
     criterion = get_criterion(criterion)
+    temperatures = temperatures or {}
     exit_layers = sorted(exit_layers)
     was_training = model.training
     model.eval()
@@ -87,8 +114,9 @@ def collect_layer_outputs(model, batches, exit_layers, criterion: str | ExitCrit
             layer_nll, layer_pred, layer_prob, layer_scores = [], [], [], []
             state = criterion.init_state()
             for layer, hidden in enumerate(model.hidden_states(x), start=1):
-                logits = model.exit_logits(hidden, layer).float()
-                layer_nll.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+                logits = model.exit_logits(hidden, layer).float() / temperatures.get(layer, 1.0)
+                layer_nll.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                 reduction="none"))
                 prob, pred = torch.softmax(logits, dim=-1).max(dim=-1)
                 layer_pred.append(pred.flatten())
                 layer_prob.append(prob.flatten())

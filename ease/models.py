@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .generation import KVCache
 from .io import atomic_path
 from .modules import RMSNorm, RotaryEmbedding, TransformerBlock, swiglu_hidden_dim
 
@@ -92,7 +93,9 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     # -- forward ---------------------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings; positions are unused (RoPE adds them in attention), they are
+        part of ease.generation.LayerwiseDecoder for models with learned positions."""
         if x.dtype != torch.long:
             raise TypeError(f"token ids must be a LongTensor, got {x.dtype}")
         return self.tok_embeddings(x)
@@ -133,6 +136,46 @@ class TransformerLM(nn.Module):
         """One logits tensor per layer (final norm + head on each hidden state), for analysis."""
         states = self.hidden_states(x)
         return [self.exit_logits(h, layer) for layer, h in enumerate(states, start=1)]
+
+    # -- layer-wise decoding (ease.generation.LayerwiseDecoder) ------------------------
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def kv_fill_cost(self) -> float:
+        """fill_kv relative to layer_step: the share of a block's weights it multiplies by,
+        the whole qkv projection (project_kv computes the queries too)."""
+        block = self.blocks[0]
+        return block.attn.qkv.weight.numel() / sum(p.numel() for p in block.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions is longer than max_seq_len="
+                             f"{self.config.max_seq_len}")
+        return KVCache(self.num_layers, batch_size, max_len)
+
+    def layer_step(self, layer: int, h: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """Block `layer` on h (R, n, dim) at positions (R, n); stores its keys/values."""
+        past_kv, mask = cache.context(layer, positions)
+        h, (keys, values) = self.blocks[layer - 1](h, *self._row_rotary(positions), past_kv, mask)
+        new = h.shape[1]
+        cache.write(layer, positions, keys[:, :, -new:], values[:, :, -new:])
+        return h
+
+    def fill_kv(self, layer: int, h: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache) -> None:
+        """Store block `layer`'s keys/values for input h without running it (CALM)."""
+        block = self.blocks[layer - 1]
+        keys, values = block.attn.project_kv(block.attn_norm(h), *self._row_rotary(positions))
+        cache.write(layer, positions, keys, values)
+
+    def _row_rotary(self, positions: torch.Tensor):
+        """RoPE angles for per-row positions (R, n), shaped to broadcast over heads;
+        padding (-1) gets position 0's, its output being unused."""
+        cos, sin = self.rotary(positions.clamp(min=0))
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def check_layers(self, layers) -> None:
         for layer in layers:
@@ -211,7 +254,8 @@ class DeepSupervisionTransformer(TransformerLM):
             return None
         # The last layer keeps the shared final norm; layers 1..L-1 get their own.
         return nn.ModuleList(
-            RMSNorm(self.config.dim, self.config.norm_eps) for _ in range(self.config.num_layers - 1)
+            RMSNorm(self.config.dim, self.config.norm_eps)
+            for _ in range(self.config.num_layers - 1)
         )
 
 

@@ -6,6 +6,12 @@ Hugging Face adapter share one code path:
   model.config.vocab_size, model.num_layers, model.exit_layers,
   model.forward_exits(x, layers), model.hidden_states(x), model.exit_logits(h, layer),
   model.layer_modules()  -> {None: shared modules, 1: layer-1 modules, ...}
+
+The same script runs data-parallel under `torchrun --nproc_per_node N`: the trainer joins
+the process group (gloo on CPU, nccl on CUDA), each rank trains on its slice of every
+batch through DistributedDataParallel, logged losses are averaged over ranks, every rank
+evaluates the whole validation set (same weights, same numbers), and only rank 0 writes
+checkpoints and calls on_epoch_end.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
@@ -54,9 +61,13 @@ class Trainer:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         self.config = config
         self.vocab_size = vocab_size
-        self.device = resolve_device(device)
+        self.rank, self.world_size, self.device = _init_distributed(resolve_device(device))
         # EASE_PROGRESS=0 silences every bar, e.g. for batch runs and committed notebooks.
-        self.progress = os.environ.get("EASE_PROGRESS", "1") != "0" if progress is None else progress
+        if progress is None:
+            progress = os.environ.get("EASE_PROGRESS", "1") != "0"
+        self.progress = progress
+        self.progress = self.progress and self.rank == 0
+        self._ddp: _DistributedExits | None = None
 
     # -- checks ----------------------------------------------------------------------
     def check_model(self, model) -> None:
@@ -72,9 +83,9 @@ class Trainer:
             if ids.dtype != torch.long:
                 raise TypeError(f"batch {name} must be a LongTensor, got {ids.dtype}")
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                 raise ValueError(
-                    f"batch {name} has token id {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}"
-                    f" outside the vocabulary [0, {self.vocab_size})"
+                    f"batch {name} has token id {bad} outside the vocabulary [0, {self.vocab_size})"
                 )
 
     # -- loss ------------------------------------------------------------------------
@@ -124,7 +135,8 @@ class Trainer:
                                    "weight_decay": wd, "layer": layer})
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
         if missing:
-            raise ValueError(f"layer_modules() of {type(model).__name__} misses parameters {missing}")
+            raise ValueError(
+                f"layer_modules() of {type(model).__name__} misses parameters {missing}")
         fused = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=base_lr, betas=betas, **fused)
 
@@ -134,16 +146,24 @@ class Trainer:
         """One pass over `batches` (any iterable of (x, y)); returns the mean loss."""
         return self._run_epoch(model, batches, optimizer, grad_clip, scheduler).loss
 
-    def _run_epoch(self, model, batches, optimizer, grad_clip, scheduler, epoch: int = 0) -> EpochStats:
+    def _run_epoch(self, model, batches, optimizer, grad_clip, scheduler,
+                   epoch: int = 0) -> EpochStats:
         self.check_model(model)
         model.to(self.device)
         model.train()
+        forward_model = self._distributed(model) if self.world_size > 1 else model
         total, layer_totals, steps = 0.0, {}, 0
         total_hint = len(batches) if hasattr(batches, "__len__") else None
         bar = tqdm(batches, total=total_hint, desc=f"epoch {epoch + 1}", leave=False,
                    disable=not self.progress)
         for step, (x, y) in enumerate(bar, start=1):
-            loss, layer_losses = self.compute_loss(model, x, y)
+            share = 1.0
+            if self.world_size > 1:
+                x, y, share = self._shard(x, y)
+            loss, layer_losses = self.compute_loss(forward_model, x, y)
+            if share != 1.0:
+                loss = loss * share
+                layer_losses = {layer: ce * share for layer, ce in layer_losses.items()}
             if not torch.isfinite(loss):
                 per_layer = {layer: round(ce.item(), 4) for layer, ce in layer_losses.items()}
                 raise FloatingPointError(
@@ -164,7 +184,33 @@ class Trainer:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if steps == 0:
             raise ValueError("train_epoch got no batches: the training data is empty")
+        if self.world_size > 1:
+            total, layer_totals = self._mean_over_ranks(total, layer_totals)
         return EpochStats(total / steps, {k: v / steps for k, v in layer_totals.items()}, steps)
+
+    # -- data parallel ---------------------------------------------------------------
+    def _distributed(self, model) -> _DistributedExits:
+        if self._ddp is None or self._ddp.model is not model:
+            self._ddp = _DistributedExits(model, self.device)
+        return self._ddp
+
+    def _shard(self, x: torch.Tensor, y: torch.Tensor):
+        """This rank's rows of a batch, and its loss factor world * rows / batch: DDP
+        averages gradients over ranks, so the factors make that the whole batch's mean
+        even when the batch does not split evenly."""
+        batch = len(x)
+        if batch < self.world_size:
+            raise ValueError(f"a batch of {batch} sequences cannot be split over "
+                             f"{self.world_size} ranks; use batch_size >= {self.world_size}")
+        x, y = (ids.tensor_split(self.world_size)[self.rank] for ids in (x, y))
+        return x, y, self.world_size * len(x) / batch
+
+    def _mean_over_ranks(self, total: float, layer_totals: dict[int, float]):
+        values = torch.tensor([total, *layer_totals.values()], dtype=torch.float64,
+                              device=self.device)
+        dist.all_reduce(values)
+        values = (values / self.world_size).tolist()
+        return values[0], dict(zip(layer_totals, values[1:], strict=True))
 
     # -- evaluation ------------------------------------------------------------------
     def exit_layers_for(self, model) -> list[int]:
@@ -177,7 +223,7 @@ class Trainer:
         self.check_model(model)
         model.to(self.device)
         return collect_layer_outputs(model, batches, self.exit_layers_for(model),
-                                     criterion or self.config.exit_criterion, self.device)
+                                     criterion or self.config.criterion(), self.device)
 
     def evaluate(self, model, batches, threshold: float | None = None, criterion=None) -> dict:
         """Routed loss/ppl/acc, shallow_ratio, compute_cost, exit_counts and per-exit
@@ -228,11 +274,58 @@ class Trainer:
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
             row["seconds"] = time.perf_counter() - began
             rows.append(row)
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch + 1, rows, fingerprint)
-            if on_epoch_end is not None:
+            if checkpoint is not None and self.rank == 0:
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch + 1, rows,
+                                 fingerprint)
+            if self.world_size > 1:
+                dist.barrier()  # a resumed run must find the checkpoint complete on every rank
+            if on_epoch_end is not None and self.rank == 0:
                 on_epoch_end(epoch + 1, row)
         return pd.DataFrame(rows)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this joins the process
+    group unless the script already did: nccl on CUDA, gloo otherwise. A CUDA rank without
+    a device index takes the GPU of its LOCAL_RANK."""
+    initialised = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        return 0, 1, device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not initialised:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class _ForwardExits(torch.nn.Module):
+    """model.forward_exits as forward(), the one method DistributedDataParallel wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        return self.model.forward_exits(x, layers)
+
+
+class _DistributedExits:
+    """Stands in for the model in compute_loss: DDP averages gradients only for what runs
+    through its own forward(), so forward_exits must go through it."""
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        # find_unused_parameters: exits of weight 0, and layers past the deepest weighted
+        # exit, get no gradient.
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            _ForwardExits(model), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+
+    def forward_exits(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        return self.ddp(x, layers)
 
 
 def _lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int | None):

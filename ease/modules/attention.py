@@ -36,9 +36,10 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, T, D) by the angles of its positions; cos/sin are (T, D/2)."""
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # (x_even + i x_odd) * (cos + i sin) in float32: one complex multiply is several times
+    # faster, forward and backward, than the same rotation from strided real halves.
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,7 +87,7 @@ class CausalSelfAttention(nn.Module):
     def _split_heads(self, qkv: torch.Tensor):
         batch, steps, _ = qkv.shape
         qkv = qkv.view(batch, steps, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)  # unlike qkv[i], its backward writes no zero-filled copies
 
 
 def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

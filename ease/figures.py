@@ -1,0 +1,81 @@
+"""The workbook's figures. Each function takes tidy results and returns a Figure in the
+EASE style, so notebooks, batch runs and tests draw exactly the same thing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .analysis import pareto_front
+from .plotting import figure, layer_colors, palette
+from .results import mean_and_error
+
+
+def per_layer_metric(per_exit: pd.DataFrame, metric: str = "ppl", hue: str = "name",
+                     width: str = "single", title: str | None = None, log: bool = False):
+    """Metric of every exit by layer, one line per `hue` value, mean ± 95% CI over seeds."""
+    summary = mean_and_error(per_exit, [hue, "layer"], metric)
+    fig, ax = figure(width)
+    names = list(dict.fromkeys(summary[hue]))
+    offsets = np.linspace(-0.12, 0.12, len(names)) if len(names) > 1 else [0.0]
+    for color, offset, name in zip(palette(len(names)), offsets, names, strict=True):
+        rows = summary[summary[hue] == name]
+        ax.errorbar(rows["layer"] + offset, rows["mean"], yerr=rows["ci95"].fillna(0),
+                    marker="o", color=color, label=name)
+    ax.set_xticks(sorted(summary["layer"].unique()))
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel({"ppl": "perplexity", "acc": "next-token accuracy"}.get(metric, metric))
+    if log:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.legend(ncols=2 if len(names) > 3 else 1)
+    return fig
+
+
+def training_curves(curves: pd.DataFrame, width: str = "double"):
+    """Validation loss of every exit over training, one panel per scheme, mean over seeds."""
+    names = list(dict.fromkeys(curves["name"]))
+    num_layers = int(curves["layer"].max())
+    fig, axes = figure(width, aspect=0.3 if len(names) <= 4 else 0.5,
+                       ncols=min(len(names), 4), nrows=-(-len(names) // 4), sharey=True,
+                       squeeze=False)
+    colors = layer_colors(num_layers)
+    for ax, name in zip(axes.flat, names, strict=False):
+        rows = curves[curves["name"] == name]
+        summary = mean_and_error(rows, ["layer", "step"], "val_loss")
+        for layer in range(1, num_layers + 1):
+            line = summary[summary["layer"] == layer]
+            ax.plot(line["step"], line["mean"], color=colors[layer - 1], label=f"L{layer}")
+            ax.fill_between(line["step"], line["mean"] - line["std"].fillna(0),
+                            line["mean"] + line["std"].fillna(0), color=colors[layer - 1],
+                            alpha=0.2, linewidth=0)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes.flat[0].set_ylabel("validation loss")
+    axes.flat[0].legend(title="exit")
+    return fig
+
+
+def quality_vs_compute(sweeps: dict[str, pd.DataFrame], metric: str = "acc", width: str = "single",
+                       oracle: dict[str, tuple[float, float]] | None = None):
+    """Threshold sweeps as quality-vs-compute curves, one per model, with the Pareto front
+    over all of them (and optional oracle points {name: (compute_cost, metric)})."""
+    fig, ax = figure(width)
+    colors = palette(len(sweeps))
+    for color, (name, sweep) in zip(colors, sweeps.items(), strict=True):
+        ordered = sweep.sort_values("compute_cost")
+        ax.plot(ordered["compute_cost"], ordered[metric], marker=".", color=color, label=name)
+        if oracle and name in oracle:
+            ax.scatter(*oracle[name], marker="*", s=60, color=color, edgecolor="black",
+                       linewidth=0.4, zorder=3)
+    everything = pd.concat(sweeps.values(), ignore_index=True)
+    front = pareto_front(everything, "compute_cost", metric, maximize=metric != "ppl")
+    ax.step(front["compute_cost"], front[metric], where="post", color="black", linestyle=":",
+            linewidth=0.8, label="Pareto front")
+    ax.set_xlabel("compute cost (mean exit layer / L)")
+    ax.set_ylabel({"ppl": "perplexity", "acc": "next-token accuracy"}.get(metric, metric))
+    ax.legend()
+    return fig
