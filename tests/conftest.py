@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from ease import DeepSupervisionTransformer, StandardTransformer, set_seed
+from ease import (
+    DeepSupervisionTransformer,
+    StandardTransformer,
+    TokenBatches,
+    Trainer,
+    create_deep_supervision_config,
+    load_corpus,
+    set_seed,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50
@@ -27,6 +36,20 @@ def tiny_model(kind: str = "deep", seed: int = 0, num_layers: int = 3, **options
     options.setdefault("max_seq_len", 32)
     return MODEL_CLASSES[kind](vocab_size=VOCAB, dim=16, num_layers=num_layers, num_heads=2,
                                **options)
+
+
+@functools.cache
+def small_trained_model():
+    """(corpus, model): a 2-layer dim-32 model after 60 steps of deep supervision on a small
+    synthetic corpus, shared by the tests that need exits that learned something."""
+    corpus = load_corpus("synthetic", train_tokens=20_000, val_tokens=4_000, test_tokens=4_000)
+    set_seed(0)
+    model = DeepSupervisionTransformer(vocab_size=corpus.vocab_size, dim=32, num_layers=2,
+                                       num_heads=2, max_seq_len=32)
+    trainer = Trainer(create_deep_supervision_config(2), corpus.vocab_size, progress=False)
+    train = TokenBatches(corpus.train, 32, 16, shuffle=True, num_batches=60)
+    trainer.train_epoch(model, train, trainer.create_optimizer(model, 3e-3))
+    return corpus, model
 
 
 def random_batches(num_batches: int = 3, batch_size: int = 4, seed: int = 0):

@@ -6,15 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import small_trained_model
 
 from ease import (
-    DeepSupervisionTransformer,
     TokenBatches,
-    Trainer,
     analysis,
-    create_deep_supervision_config,
-    load_corpus,
-    set_seed,
 )
 from ease.evaluation import LayerOutputs, collect_layer_outputs
 
@@ -208,15 +204,7 @@ def test_fit_temperatures_recovers_a_known_temperature():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A 2-layer dim-32 model after 60 steps on the synthetic corpus, and its data."""
-    corpus = load_corpus("synthetic", train_tokens=20_000, val_tokens=4_000, test_tokens=4_000)
-    set_seed(0)
-    model = DeepSupervisionTransformer(vocab_size=corpus.vocab_size, dim=32, num_layers=2,
-                                       num_heads=2, max_seq_len=32)
-    trainer = Trainer(create_deep_supervision_config(2), corpus.vocab_size, progress=False)
-    train = TokenBatches(corpus.train, 32, 16, shuffle=True, num_batches=60)
-    trainer.train_epoch(model, train, trainer.create_optimizer(model, 3e-3))
-    return corpus, model
+    return small_trained_model()
 
 
 def test_temperature_scaling_minimises_held_out_nll(trained):

@@ -5,16 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, random_batches, tiny_model
+from conftest import VOCAB, random_batches, small_trained_model, tiny_model
 
 from ease import (
-    DeepSupervisionTransformer,
     TokenBatches,
     Trainer,
     TrainingConfig,
-    create_deep_supervision_config,
-    load_corpus,
-    set_seed,
 )
 from ease.evaluation import collect_layer_outputs
 from ease.exits import (
@@ -139,14 +135,7 @@ def test_route_many_thresholds_at_once_equals_one_at_a_time():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A 2-layer dim-32 model after 60 steps on the synthetic corpus, and its data."""
-    corpus = load_corpus("synthetic", train_tokens=20_000, val_tokens=4_000, test_tokens=4_000)
-    set_seed(0)
-    model = DeepSupervisionTransformer(vocab_size=corpus.vocab_size, dim=32, num_layers=2,
-                                       num_heads=2, max_seq_len=32)
-    trainer = Trainer(create_deep_supervision_config(2), corpus.vocab_size, progress=False)
-    train = TokenBatches(corpus.train, 32, 16, shuffle=True, num_batches=60)
-    trainer.train_epoch(model, train, trainer.create_optimizer(model, 3e-3))
+    corpus, model = small_trained_model()
     return model, TokenBatches(corpus.val, 32, 16), TokenBatches(corpus.test, 32, 16)
 
 
