@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 from .evaluation import LayerOutputs
 from .exits import route
@@ -59,22 +60,10 @@ def _loss_counts(outputs, thresholds, risk, chunk_size) -> np.ndarray:
 
 # -- p-values for H0: risk > delta -----------------------------------------------------------
 
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed in log space (no scipy needed)."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    i = torch.arange(k + 1, dtype=torch.float64)
-    log_pmf = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
-               + i * math.log(p) + (n - i) * math.log1p(-p))
-    return min(1.0, torch.logsumexp(log_pmf, dim=0).exp().item())
-
-
 def binomial_p_value(losses: int, n: int, delta: float) -> float:
     """Exact p-value for 0/1 losses: P(Binomial(n, delta) <= losses). Under H0 the loss
     count is stochastically larger than Binomial(n, delta), so this is valid."""
-    return binomial_cdf(losses, n, delta)
+    return float(stats.binom.cdf(losses, n, delta))
 
 
 def hoeffding_bentkus_p_value(losses: float, n: int, delta: float) -> float:
@@ -85,7 +74,7 @@ def hoeffding_bentkus_p_value(losses: float, n: int, delta: float) -> float:
     with R = losses / n. Valid for any bounded loss, so looser than binomial_p_value."""
     risk = min(losses / n, delta)
     hoeffding = math.exp(-n * _bernoulli_kl(risk, delta))
-    bentkus = math.e * binomial_cdf(math.ceil(losses), n, delta)
+    bentkus = math.e * float(stats.binom.cdf(math.ceil(losses), n, delta))
     return min(1.0, hoeffding, bentkus)
 
 
