@@ -12,6 +12,7 @@ from .config import (
     lr_scale_schedule,
 )
 from .data import Corpus, TokenBatches, load_corpus, set_seed, set_threads
+from .generation import generate, generate_self_speculative
 from .models import DeepSupervisionTransformer, ModelConfig, StandardTransformer, TransformerLM
 from .trainer import Trainer
 
@@ -33,6 +34,8 @@ __all__ = [
     "create_linear_depth_config",
     "create_preset_config",
     "create_standard_config",
+    "generate",
+    "generate_self_speculative",
     "load_corpus",
     "lr_scale_schedule",
     "set_seed",

@@ -86,6 +86,14 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.rows: torch.Tensor | None = None  # None: every row, in order
 
+    @classmethod
+    def for_model(cls, model: LayerwiseDecoder, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for `model`, refusing positions past its max_seq_len."""
+        if max_len > model.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions is longer than max_seq_len="
+                             f"{model.max_seq_len}")
+        return cls(model.num_layers, batch_size, max_len)
+
     def select(self, rows: torch.Tensor) -> KVCache:
         view = copy.copy(self)  # shares the per-layer lists, so writes reach the original
         view.rows = rows if self.rows is None else self.rows[rows]

@@ -244,10 +244,7 @@ class HFEarlyExitModel(nn.Module):
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"layer-wise generation needs sdpa or eager attention (it passes "
                              f"4-D masks), this model uses {attention!r}")
-        if max_len > self.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions is longer than max_seq_len="
-                             f"{self.max_seq_len}")
-        return KVCache(self.num_layers, batch_size, max_len)
+        return KVCache.for_model(self, batch_size, max_len)
 
     def layer_step(self, layer: int, h: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:

@@ -150,10 +150,7 @@ class TransformerLM(nn.Module):
         return block.attn.qkv.weight.numel() / sum(p.numel() for p in block.parameters())
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions is longer than max_seq_len="
-                             f"{self.config.max_seq_len}")
-        return KVCache(self.num_layers, batch_size, max_len)
+        return KVCache.for_model(self, batch_size, max_len)
 
     def layer_step(self, layer: int, h: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:
