@@ -65,8 +65,7 @@ class Trainer:
         # EASE_PROGRESS=0 silences every bar, e.g. for batch runs and committed notebooks.
         if progress is None:
             progress = os.environ.get("EASE_PROGRESS", "1") != "0"
-        self.progress = progress
-        self.progress = self.progress and self.rank == 0
+        self.progress = progress and self.rank == 0  # one bar, not one per rank
         self._ddp: _DistributedExits | None = None
 
     # -- checks ----------------------------------------------------------------------
