@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from ease import Trainer, TrainingConfig, set_seed, set_threads  # noqa: E402
 from ease.data import load_text  # noqa: E402
-from ease.generation import generate, generate_self_speculative  # noqa: E402
+from ease.generation import best_time, generate, generate_self_speculative  # noqa: E402
 from ease.hf import hf_token_batches, load_hf_model, load_hf_tokenizer  # noqa: E402
 
 OVERHEAD_TARGET = 1.05
@@ -85,16 +85,6 @@ def finetune_exits(model, tokenizer, args, exit_layers) -> float:
     return loss
 
 
-def tokens_per_second(run, repeats: int):
-    run()  # warm-up
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - started)
-    return result, best
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -133,7 +123,7 @@ def main(argv=None) -> dict:
         rows = []
         reference = None
         for name, run in methods.items():
-            result, best = tokens_per_second(run, args.repeats)
+            result, best = best_time(run, args.repeats)
             if name == "transformers generate":
                 new = result[0, len(prompt):]
                 row = {"method": name, "tokens_per_s": len(new) / best}

@@ -82,7 +82,19 @@ def _code_hash() -> str:
 def experiment_from_preset(preset: str, num_layers: int = 3, *, alpha: float | None = None,
                            lr_schedule: str = "uniform", lr_decay: float = 0.5,
                            name: str | None = None, **kwargs) -> Experiment:
-    """An Experiment for a weighting preset (ease.config.PRESETS) and an LR schedule."""
+    """An Experiment for a weighting preset (ease.config.PRESETS) and an LR schedule.
+
+    `preset` may carry the asymmetric scheme's alpha as "asymmetric:0.7", the form the
+    notebooks' parameter lists use."""
+    preset, _, alpha_text = preset.partition(":")
+    if alpha_text:
+        if alpha is not None:
+            raise ValueError(f"alpha given twice: {preset}:{alpha_text} and alpha={alpha}")
+        try:
+            alpha = float(alpha_text)
+        except ValueError:
+            raise ValueError(
+                f"{preset}:{alpha_text}: alpha {alpha_text!r} is not a number") from None
     options = {} if alpha is None else {"alpha": alpha}
     config = create_preset_config(preset, num_layers, **options)
     model_type = "StandardTransformer" if preset == "standard" else "DeepSupervisionTransformer"

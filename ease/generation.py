@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -157,6 +158,20 @@ def _shared_run(positions: torch.Tensor) -> int | None:
 
 
 # -- results -----------------------------------------------------------------------------
+
+def best_time(run, repeats: int = 3):
+    """(result, seconds): run() once to warm up (first calls pay one-off costs), then the
+    fastest of `repeats` timed calls, the least disturbed by whatever else the machine does."""
+    if repeats < 1:
+        raise ValueError(f"repeats = {repeats} must be >= 1")
+    run()
+    best, result = math.inf, None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - started)
+    return result, best
+
 
 @dataclass
 class GenerationResult:

@@ -180,3 +180,25 @@ def test_quickstart_runs_on_a_real_corpus_with_papermill(shared_data_dir, tmp_pa
     text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert "tinyshakespeare: vocab" in text and "char-level" in text
     assert (run / "00_quickstart" / "figures" / "00_quickstart_per_layer_ppl.pdf").exists()
+
+
+def test_preset_spec_carries_alpha():
+    spec = experiment_from_preset("asymmetric:0.7", 3, **TINY)
+    assert spec.layer_weights == experiment_from_preset("asymmetric", 3, alpha=0.7,
+                                                        **TINY).layer_weights
+    assert spec.layer_weights == {1: 0.7, 2: 0.0, 3: pytest.approx(0.3)}
+    with pytest.raises(ValueError, match="'x' is not a number"):
+        experiment_from_preset("asymmetric:x", 3)
+    with pytest.raises(ValueError, match="alpha given twice"):
+        experiment_from_preset("asymmetric:0.7", 3, alpha=0.5)
+
+
+def test_best_time_warms_up_and_keeps_the_fastest_call():
+    from ease.generation import best_time
+
+    calls = []
+    result, seconds = best_time(lambda: calls.append(len(calls)) or len(calls), repeats=3)
+    assert len(calls) == 4 and result == 4  # one warm-up, three timed
+    assert seconds >= 0
+    with pytest.raises(ValueError, match="repeats = 0"):
+        best_time(lambda: None, repeats=0)
