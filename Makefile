@@ -4,6 +4,9 @@
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
+# Real corpora: a shared data folder beside the checkout, unless EASE_DATA_DIR says otherwise.
+EASE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export EASE_DATA_DIR
 
 .PHONY: setup figures test lint unit nbval bench clean
 
