@@ -174,17 +174,19 @@ def run_all(jobs: list[NotebookRun], out: Path, figures_dir: Path | None, worker
 
 
 def summary_table(out: Path) -> str:
-    """The per-exit perplexity of every scheme the runs trained, mean over seeds."""
+    """The per-exit perplexity of every model the runs measured, one table per notebook run
+    (mean over seeds)."""
     df = load_runs(out)
     if df.empty or "ppl" not in df:
         return "(no per-exit results)"
     per_exit = df[(df["table"] == "per_exit") & df["layer"].notna()]
-    if per_exit.empty:
-        return "(no per-exit results)"
-    table = per_exit.pivot_table(index=["run", "notebook", "name"], columns="layer",
-                                 values="ppl", aggfunc="mean")
-    table.columns = [f"ppl_L{int(c)}" for c in table.columns]
-    return table.round(3).to_string()
+    tables = []
+    for (run, notebook), rows in per_exit.groupby(["run", "notebook"], sort=True):
+        table = rows.pivot_table(index="name", columns="layer", values="ppl", aggfunc="mean")
+        table.columns = [f"L{int(c)}" for c in table.columns]
+        tables.append(f"{run} / {notebook}: perplexity per exit\n"
+                      + table.to_string(float_format=lambda v: f"{v:.4g}"))
+    return "\n\n".join(tables) or "(no per-exit results)"
 
 
 def main(argv: list[str] | None = None) -> int:
