@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from .analysis import pareto_front
 from .plotting import figure, layer_colors, palette
@@ -22,11 +23,19 @@ def per_layer_metric(per_exit: pd.DataFrame, metric: str = "ppl", hue: str = "na
         rows = summary[summary[hue] == name]
         ax.errorbar(rows["layer"] + offset, rows["mean"], yerr=rows["ci95"].fillna(0),
                     marker="o", color=color, label=name)
-    ax.set_xticks(sorted(summary["layer"].unique()))
+    layers = sorted(summary["layer"].unique())
+    if len(layers) <= 12:
+        ax.set_xticks(layers)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("exit layer")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if log:
         ax.set_yscale("log")
+        if summary["mean"].max() < 100 * summary["mean"].min():
+            # Within two decades plain numbers read better than "6 x 10^0".
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
     if title:
         ax.set_title(title)
     ax.legend(ncols=2 if len(names) > 3 else 1)
