@@ -100,6 +100,12 @@ def threshold_sweep(outputs: LayerOutputs, thresholds=None) -> pd.DataFrame:
     return outputs.sweep(thresholds)[SWEEP_COLUMNS]
 
 
+def cheapest_compute(sweep: pd.DataFrame, level: float, quality: str = "agreement") -> float:
+    """The lowest compute_cost in a threshold sweep whose `quality` is >= level (NaN if none)."""
+    reached = sweep[sweep[quality] >= level]
+    return float(reached["compute_cost"].min()) if len(reached) else math.nan
+
+
 def pareto_front(frame: pd.DataFrame, cost: str = "compute_cost", quality: str = "acc",
                  maximize: bool = True) -> pd.DataFrame:
     """The rows no other row beats on both `cost` (lower is better) and `quality`

@@ -14,6 +14,13 @@ from .experiments import ExperimentResult, batches, cached_corpus
 from .io import atomic_path
 
 
+def per_exit_rows(metrics: dict, num_layers: int, **columns) -> list[dict]:
+    """Rows of (columns..., layer, loss, ppl, acc) from an evaluation dict's per-exit keys."""
+    return [{**columns, "layer": layer, "loss": metrics[f"loss_L{layer}"],
+             "ppl": metrics[f"ppl_L{layer}"], "acc": metrics[f"acc_L{layer}"]}
+            for layer in range(1, num_layers + 1)]
+
+
 def per_exit_metrics(results: list[ExperimentResult], split: str = "test",
                      max_batches: int | None = 16, threshold: float = 0.0) -> pd.DataFrame:
     """One row per (experiment, seed, layer): loss, ppl and acc of that layer's exit."""
@@ -23,11 +30,8 @@ def per_exit_metrics(results: list[ExperimentResult], split: str = "test",
         corpus = cached_corpus(experiment.corpus)
         metrics = result.trainer().evaluate(
             result.model, batches(experiment, corpus, split, max_batches), threshold=threshold)
-        for layer in range(1, experiment.num_layers + 1):
-            rows.append({"name": experiment.name, "seed": experiment.seed, "layer": layer,
-                         **experiment.extra,
-                         "loss": metrics[f"loss_L{layer}"], "ppl": metrics[f"ppl_L{layer}"],
-                         "acc": metrics[f"acc_L{layer}"]})
+        rows += per_exit_rows(metrics, experiment.num_layers, name=experiment.name,
+                              seed=experiment.seed, **experiment.extra)
     return pd.DataFrame(rows)
 
 

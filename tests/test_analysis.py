@@ -239,3 +239,11 @@ def test_difficulty_breakdown_on_the_synthetic_corpus(trained):
     assert easy["acc_L1"] == pytest.approx(outputs.correct[mask, 0].double().mean().item())
     with pytest.raises(ValueError, match="3 difficulty labels for"):
         analysis.difficulty_breakdown(outputs, labels[:3], corpus.difficulty_names)
+
+
+def test_cheapest_compute_is_the_lowest_cost_reaching_the_level():
+    sweep = pd.DataFrame({"compute_cost": [1.0, 0.8, 0.5, 0.4],
+                          "agreement": [1.0, 0.995, 0.96, 0.90]})
+    assert analysis.cheapest_compute(sweep, 0.99) == 0.8
+    assert analysis.cheapest_compute(sweep, 0.95) == 0.5
+    assert math.isnan(analysis.cheapest_compute(sweep, 1.01))
